@@ -1,0 +1,102 @@
+"""One adversarial training step: the generator first, then the discriminator.
+
+The order and the detach matter under DistributedDataParallel: the generator's
+backward pass runs through the discriminator (its gradients are all-reduced and
+then thrown away by ``opt_d.zero_grad``), and the discriminator step sees the
+generated batch detached, so no graph is reused across the two steps. Reusing
+one silently lets generator weights drift apart between ranks with gloo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from anomaly.config import Config
+from anomaly.losses import discriminator_loss, generator_loss
+from anomaly.masking import apply_mask, random_holes
+from anomaly.models import init_weights
+
+
+@dataclass
+class Networks:
+    """The two networks as training sees them (possibly DDP-wrapped) and their optimizers."""
+
+    generator: nn.Module
+    discriminator: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+    @staticmethod
+    def unwrap(module: nn.Module) -> nn.Module:
+        return getattr(module, "module", module)
+
+
+def build_optimizers(config: Config, generator: nn.Module, discriminator: nn.Module
+                     ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    betas = (config.optim.beta1, config.optim.beta2)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=config.optim.lr_g, betas=betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.optim.lr_d, betas=betas)
+    return opt_g, opt_d
+
+
+def _mean_across_ranks(value: torch.Tensor) -> float:
+    value = value.detach().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value.item())
+
+
+def reinitialise_discriminator(discriminator: nn.Module, seed: int) -> None:
+    """Re-draw the discriminator's weights identically on every rank."""
+    bare = Networks.unwrap(discriminator)
+    devices = [p.device for p in bare.parameters()]
+    with torch.random.fork_rng(devices=[d for d in devices if d.type == "cuda"][:1]):
+        torch.manual_seed(seed)
+        bare.apply(init_weights)
+    if dist.is_available() and dist.is_initialized():
+        # Belt and braces: the same seed gives the same weights, but broadcast
+        # anyway so a device-specific RNG can never split the ranks.
+        for tensor in list(bare.parameters()) + list(bare.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+def train_step(config: Config, nets: Networks, x: torch.Tensor, noise_std: float,
+               rng: torch.Generator, step_seed: int) -> dict[str, float]:
+    """Run one generator and one discriminator update on the batch ``x`` [B, C, H, W].
+
+    Returns per-step scalars; ``d_reinit`` is 1.0 when the discriminator loss fell
+    below ``loss.d_reinit_threshold`` and the discriminator was re-initialised.
+    """
+    holes = None
+    seen = x
+    if config.model.method == 5:
+        holes = random_holes(x.shape[0], x.shape[-1], config.mask.num_masks, config.mask_size, x.device, rng)
+        seen = apply_mask(x, holes, config.mask.mask_fill)
+
+    # Generator step
+    out = nets.generator(seen)
+    loss_g, parts_g = generator_loss(config, seen, x, out, nets.discriminator, noise_std, holes)
+    nets.opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    nets.opt_g.step()
+
+    # Discriminator step
+    loss_d, parts_d = discriminator_loss(config, x, out.x_hat, nets.discriminator, noise_std, rng)
+    nets.opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    nets.opt_d.step()
+
+    metrics = {"loss_g": float(loss_g.detach().item()), "loss_d": _mean_across_ranks(loss_d)}
+    for name, value in {**parts_g, **parts_d}.items():
+        metrics[name] = float(value.detach().item())
+    metrics["d_reinit"] = 0.0
+    if metrics["loss_d"] < config.loss.d_reinit_threshold:
+        # The mean across ranks decides, so every rank takes the same branch.
+        reinitialise_discriminator(nets.discriminator, step_seed)
+        metrics["d_reinit"] = 1.0
+    return metrics
