@@ -101,15 +101,17 @@ def _example_grid(model: LoadedModel, extremes: dict[int, _Extremes], url: str, 
     for label, name in ((0, "normal"), (1, "anomalous")):
         if label not in extremes:
             continue
-        rows += [(s, k, i, f"{name} low") for s, k, i in extremes[label].lowest()]
-        rows += [(s, k, i, f"{name} high") for s, k, i in extremes[label].highest()]
+        lowest = extremes[label].lowest()[:EXAMPLES_PER_GROUP]
+        highest = extremes[label].highest()[:EXAMPLES_PER_GROUP]
+        rows += [(s, k, i, f"{name}, lowest") for s, k, i in lowest]
+        rows += [(s, k, i, f"{name}, highest") for s, k, i in highest]
     if not rows:
         return
     images = torch.stack([r[2] for r in rows]).to(device)
     with torch.no_grad():
         recon = reconstruct(model.config, model.generator, images)
-    captions = [f"{tag}\n{key[-18:]}\n{score:.3g}" for score, key, _, tag in rows]
-    reconstruction_grid(images, recon, url, captions)
+    captions = [f"{tag}\n{key.rsplit('/', 1)[-1][-22:]}\n{score:.3g}" for score, key, _, tag in rows]
+    reconstruction_grid(images, recon, url, captions, columns=2 * EXAMPLES_PER_GROUP)
 
 
 def _map_overlays(model: LoadedModel, extremes: dict[int, _Extremes], output: str, device: torch.device) -> None:
@@ -123,7 +125,7 @@ def _map_overlays(model: LoadedModel, extremes: dict[int, _Extremes], output: st
     for (score, key, _), image, heat in zip(top, images, maps):
         storage.write_bytes(storage.join(output, "maps", f"{safe_file_name(key)}.png"),
                             overlay_png(image, heat, vmax))
-    overlay_grid(images, maps, [f"{key[-18:]}\n{s:.3g}" for (s, key, _) in top],
+    overlay_grid(images, maps, [f"{key.rsplit('/', 1)[-1][-22:]}\n{s:.3g}" for (s, key, _) in top],
                  storage.join(output, "anomaly_maps.png"))
 
 
@@ -134,7 +136,7 @@ def evaluate_run(run_dir: str, shards: str, split: str, output: str, batch_size:
     index = read_index(shards)
     check_image_size(index, model.config.model.image_size, shards)
     total = split_count(index, split)
-    keep = MAP_EXAMPLES if model.config.model.method == 5 else EXAMPLES_PER_GROUP
+    keep = max(MAP_EXAMPLES, EXAMPLES_PER_GROUP) if model.config.model.method == 5 else EXAMPLES_PER_GROUP
     extremes: dict[int, _Extremes] = {}
     rows: list[tuple[str, float, int]] = []
 

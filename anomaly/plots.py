@@ -38,23 +38,30 @@ def _save_figure(fig: plt.Figure, url: str) -> None:
 
 
 def reconstruction_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, url: str,
-                        captions: Sequence[str] | None = None) -> None:
-    """Write rows of input, reconstruction and absolute difference, one column per image."""
+                        captions: Sequence[str] | None = None, columns: int = 8) -> None:
+    """Write input, reconstruction and absolute difference rows, in blocks of ``columns`` images."""
     originals = to_uint8(inputs)
     recons = to_uint8(reconstructions)
     diff = np.abs(originals.astype(np.int16) - recons.astype(np.int16)).astype(np.uint8)
     count = originals.shape[0]
-    fig, axes = plt.subplots(3, count, figsize=(1.6 * count, 5.2), squeeze=False)
-    for col in range(count):
+    columns = max(1, min(columns, count))
+    blocks = -(-count // columns)
+    fig, axes = plt.subplots(3 * blocks, columns, figsize=(1.7 * columns, 5.4 * blocks), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
+    for index in range(count):
+        block, col = divmod(index, columns)
         for row, (title, images) in enumerate((("input", originals), ("output", recons), ("|diff|", diff))):
-            ax = axes[row][col]
-            ax.imshow(images[col])
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax = axes[3 * block + row][col]
+            ax.imshow(images[index])
+            ax.set_frame_on(True)
             if col == 0:
                 ax.set_ylabel(title)
         if captions:
-            axes[0][col].set_title(captions[col], fontsize=7)
+            axes[3 * block][col].set_title(captions[index], fontsize=7)
+    fig.tight_layout()
     _save_figure(fig, url)
 
 

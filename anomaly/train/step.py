@@ -1,10 +1,12 @@
 """One adversarial training step: the generator first, then the discriminator.
 
-The order and the detach matter under DistributedDataParallel: the generator's
-backward pass runs through the discriminator (its gradients are all-reduced and
-then thrown away by ``opt_d.zero_grad``), and the discriminator step sees the
-generated batch detached, so no graph is reused across the two steps. Reusing
-one silently lets generator weights drift apart between ranks with gloo.
+The order and the detach matter under DistributedDataParallel. The generator
+step runs the discriminator without its DDP wrapper: its gradients there are
+thrown away by ``opt_d.zero_grad`` anyway, and with feature matching the
+discriminator's last conv gets no gradient at all, which DDP would reject at
+the next forward. The discriminator step sees the generated batch detached, so
+no graph is reused across the two steps; reusing one silently lets generator
+weights drift apart between ranks with gloo.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def train_step(config: Config, nets: Networks, x: torch.Tensor, noise_std: float
 
     # Generator step
     out = nets.generator(seen)
-    loss_g, parts_g = generator_loss(config, seen, x, out, nets.discriminator, noise_std, holes)
+    loss_g, parts_g = generator_loss(config, seen, x, out, Networks.unwrap(nets.discriminator), noise_std, holes)
     nets.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     nets.opt_g.step()
