@@ -56,7 +56,7 @@ def _batches(source: str, keys: list[str], shard_size: int, model_size: int, bat
             return key, _load_input(storage.join(source, key), key, shard_size, model_size), None
         except ImageDecodeError as exc:
             return key, None, exc.reason
-        except FileNotFoundError:
+        except storage.ObjectNotFoundError:
             return key, None, "not found"
 
     with ThreadPoolExecutor(max_workers=8) as pool:

@@ -39,7 +39,7 @@ def read_index(shards_root: str) -> dict[str, Any]:
     url = storage.join(shards_root, INDEX_NAME)
     try:
         index = json.loads(storage.read_bytes(url))
-    except FileNotFoundError as exc:
+    except storage.ObjectNotFoundError as exc:
         raise ShardIndexError(
             f"no {INDEX_NAME} at {url}: build shards first with python -m jobs.build_shards "
             "(an unfinished build writes index.json last, so rerun it to finish)"

@@ -70,7 +70,7 @@ def load_state(source: str | Path | bytes) -> dict[str, Any]:
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
         data = source if isinstance(source, bytes) else storage.read_bytes(str(source))
-    except FileNotFoundError as exc:
+    except storage.ObjectNotFoundError as exc:
         raise CheckpointError(f"checkpoint not found: {name}") from exc
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

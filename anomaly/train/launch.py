@@ -73,21 +73,36 @@ def storage_for(run_dir: str) -> dict[str, Any]:
     return {"storage_path": run_dir[len("s3://"):].rstrip("/"), "storage_filesystem": filesystem}
 
 
-def run_training(config: Config, shards: str, run_dir: str) -> TrainingResult:
-    """Train ``config`` on the shards, resuming from the run folder's last checkpoint if there is one."""
+def absolute(url: str) -> str:
+    return url if storage.is_s3(url) else os.path.abspath(url)
+
+
+def run_training(config: Config, shards: str, run_dir: str, callbacks: list[Any] | None = None,
+                 start_ray: bool = True) -> TrainingResult:
+    """Train ``config`` on the shards, resuming from the run folder's last checkpoint if there is one.
+
+    Args:
+        callbacks: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` when a trial runs this.
+        start_ray: False inside a Tune trial, where Ray is already running and the
+            resources were checked for the whole trial.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from anomaly.train.loop import train_loop_per_worker
 
+    # Workers run in other folders (and on other nodes), so local paths must be absolute.
+    shards = absolute(shards)
+    run_dir = absolute(run_dir)
     index = read_index(shards)
     check_image_size(index, config.model.image_size, shards)
     steps_per_epoch(index, "train", config.global_batch_size)
     _check_same_model(config, run_dir)
     storage.write_bytes(storage.join(run_dir, "config.yaml"), dump_yaml(config).encode())
 
-    init_ray(config.ray.address, config.ray.num_cpus)
-    check_resources(worker_resources(config), f"training with ray.num_workers={config.ray.num_workers}")
+    if start_ray:
+        init_ray(config.ray.address, config.ray.num_cpus)
+        check_resources(worker_resources(config), f"training with ray.num_workers={config.ray.num_workers}")
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
 
@@ -106,6 +121,7 @@ def run_training(config: Config, shards: str, run_dir: str) -> TrainingResult:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=config.ray.max_failures),
             worker_runtime_env={"env_vars": env},
+            callbacks=callbacks,
             **storage_for(run_dir),
         ),
     )
