@@ -168,7 +168,7 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "loss.w_adv", "loss.w_con", "loss.w_enc", "loss.w_lat", "loss.instance_noise_std",
-    "mask.mask_size", "mask.projection_steps", "mask.map_sigma", "train.global_batch_size",
+    "mask.mask_size", "mask.hole_weight", "mask.projection_steps", "mask.map_sigma", "train.global_batch_size",
     "train.max_val_samples", "train.grid_images", "data.shuffle_buffer",
     "ray.num_workers", "ray.max_failures", "ray.num_cpus", "loss.d_reinit_threshold",
 }
