@@ -132,8 +132,8 @@ class Config:
         return self.train.global_batch_size or self.train.batch_size_per_worker * max(1, self.ray.num_workers)
 
 
-# Method 2 (see METHODS.md in the project's design notes) changes seven things at
-# once; each is its own key so an ablation can switch any one back.
+# Method 2 changes seven things at once. Each is its own key, so an ablation can
+# switch any one of them back.
 _STABILISED = {
     "model": {"latent_dim": 512, "kernel_size": 5},
     "loss": {

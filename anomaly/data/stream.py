@@ -80,7 +80,7 @@ def assign_shards(shards: list[dict[str, Any]], world_size: int) -> list[list[di
 
 @dataclass(frozen=True)
 class RankPlan:
-    """Which shards one rank reads, and whether it must also subsample them."""
+    """The shards one rank reads, and the sample stride it keeps from them."""
 
     urls: list[str]
     # With fewer shards than ranks every rank reads all shards and keeps every
@@ -181,7 +181,7 @@ def train_batches(index: dict[str, Any], shards_root: str, *, rank: int, world_s
     """Yield exactly ``steps`` training batches for one rank and epoch.
 
     Shard order and sample shuffling depend on (seed, epoch, rank) only, so a
-    resumed epoch sees the same data as the interrupted one.
+    resumed epoch reads the same data as the interrupted one.
     """
     plan = plan_for_rank(index, shards_root, "train", rank, world_size)
     pending: list[tuple[torch.Tensor, int, str]] = []
