@@ -105,6 +105,9 @@ class RayConfig:
     max_failures: int = 0
     collective_timeout_s: int = 600
     num_cpus: int = 0  # local cluster size; 0 lets Ray count the cores
+    # True on clusters whose autoscaler adds nodes on demand: the start-up check
+    # then cannot know the final size, so it is skipped and Ray waits for nodes.
+    autoscaling: bool = False
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,10 @@ def run_training(config: Config, shards: str, run_dir: str, callbacks: list[Any]
 
     if start_ray:
         init_ray(config.ray.address, config.ray.num_cpus)
-        check_resources(worker_resources(config), f"training with ray.num_workers={config.ray.num_workers}")
+        if config.ray.autoscaling:
+            log.info("ray.autoscaling=true: not checking %s against the nodes up now", worker_resources(config))
+        else:
+            check_resources(worker_resources(config), f"training with ray.num_workers={config.ray.num_workers}")
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
 
