@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -100,3 +103,20 @@ def car_photos() -> Path:
 def sample_photos(car_photos: Path, tmp_path_factory: pytest.TempPathFactory) -> SamplePhotos:
     """A copy of 40 whole and 20 damaged photos with both manifest layouts filtered to them."""
     return copy_sample_photos(car_photos, tmp_path_factory.mktemp("sample_photos"), whole=40, damaged=20)
+
+
+@pytest.fixture(scope="session")
+def car_shards(car_photos: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Shards at 32 px from 64 whole and 32 damaged real photos."""
+    raw = tmp_path_factory.mktemp("cars")
+    for label, count in (("whole", 64), ("damaged", 32)):
+        (raw / label).mkdir()
+        for path in sorted((car_photos / label).glob("*.jpg"))[:count]:
+            shutil.copy(path, raw / label / path.name)
+    out = tmp_path_factory.mktemp("shards")
+    subprocess.run(
+        [sys.executable, "-m", "jobs.build_shards", "--source", str(raw), "--output", str(out),
+         "--normal-label", "whole", "--image-size", "32", "--shard-samples", "16", "--seed", "3"],
+        check=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    return str(out)

@@ -14,8 +14,6 @@ import pytest
 from anomaly.config import load_config
 from anomaly.train.launch import read_history, run_training
 
-from tests.test_train import car_shards  # noqa: F401  (module fixture shared with the training tests)
-
 pytestmark = pytest.mark.ray
 
 
@@ -26,7 +24,7 @@ def _worker_pids() -> list[int]:
     return [actor.pid for actor in actors]
 
 
-def test_killed_worker_resumes_from_last_checkpoint(car_shards: str, tmp_path: Path) -> None:  # noqa: F811
+def test_killed_worker_resumes_from_last_checkpoint(car_shards: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     config = load_config(None, [
         "model.method=1", "model.image_size=32", "model.base_channels=32", "train.epochs=4",

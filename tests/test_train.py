@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,28 +16,9 @@ from anomaly.evaluate import evaluate_run
 from anomaly.train.checkpoint import load_state
 from anomaly.train.launch import read_history, run_training
 
-CARS = Path(__file__).resolve().parents[2] / "shared" / "data" / "car_damage"
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def car_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Shards at 32 px from 64 whole and 32 damaged real photos."""
-    raw = tmp_path_factory.mktemp("cars")
-    for label, count in (("whole", 64), ("damaged", 32)):
-        (raw / label).mkdir()
-        for path in sorted((CARS / label).glob("*.jpg"))[:count]:
-            shutil.copy(path, raw / label / path.name)
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run(
-        [sys.executable, "-m", "jobs.build_shards", "--source", str(raw), "--output", str(out),
-         "--normal-label", "whole", "--image-size", "32", "--shard-samples", "16", "--seed", "3"],
-        check=True, cwd=REPO,
-    )
-    return str(out)
 
 
 def _config(method: int, epochs: int, workers: int = 2, **extra: str):
