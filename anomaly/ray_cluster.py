@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from typing import Iterator, Mapping
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,15 @@ def init_ray(address: str = "", num_cpus: int = 0, *, include_dashboard: bool = 
         logger.info("joined the Ray cluster at %s with %s", address, _describe(ray.cluster_resources()))
         return
 
+    extra = {}
+    if include_dashboard:
+        # Ray's own helper processes (the placement-group cleaner among them) find
+        # the dashboard through this variable. Without it they fail with "Found
+        # multiple active Ray instances" when another cluster runs on the machine,
+        # and a trial stopped early then leaks its workers' resources.
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{port}"
+        extra["dashboard_port"] = port
     with _single_machine_mode():
         ray.init(
             address="local",
@@ -70,8 +80,15 @@ def init_ray(address: str = "", num_cpus: int = 0, *, include_dashboard: bool = 
             include_dashboard=include_dashboard,
             dashboard_host=LOOPBACK,
             _node_ip_address=LOOPBACK,
+            **extra,
         )
     logger.info("started a local Ray cluster on %s with %s", LOOPBACK, _describe(ray.cluster_resources()))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -426,3 +426,16 @@ def test_negative_hole_weight_rejected() -> None:
     # The config rejects it at load; the loss keeps its own check for callers that bypass the config.
     with pytest.raises(ValueError, match="mask.hole_weight"):
         make_config(5, mask={"hole_weight": -1.0})
+
+
+def test_train_step_raises_on_nan_loss() -> None:
+    from anomaly.train.step import Networks, build_optimizers, train_step
+
+    config = make_config(1)
+    generator, discriminator = build_models(config)
+    opt_g, opt_d = build_optimizers(config, generator, discriminator)
+    batch = images(2, 32)
+    batch[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train_step(config, Networks(generator, discriminator, opt_g, opt_d), batch, 0.0,
+                   torch.Generator().manual_seed(0), 0)

@@ -11,6 +11,7 @@ weights drift apart between ranks with gloo.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,11 @@ def train_step(config: Config, nets: Networks, x: torch.Tensor, noise_std: float
     metrics = {"loss_g": float(loss_g.detach().item()), "loss_d": _mean_across_ranks(loss_d)}
     for name, value in {**parts_g, **parts_d}.items():
         metrics[name] = float(value.detach().item())
+    if not (math.isfinite(metrics["loss_g"]) and math.isfinite(metrics["loss_d"])):
+        raise FloatingPointError(
+            f"non-finite loss (loss_g={metrics['loss_g']}, loss_d={metrics['loss_d']}): training diverged; "
+            "lower optim.lr_g / optim.lr_d or check the input images"
+        )
     metrics["d_reinit"] = 0.0
     if metrics["loss_d"] < config.loss.d_reinit_threshold:
         # The mean across ranks decides, so every rank takes the same branch.
