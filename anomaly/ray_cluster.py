@@ -70,18 +70,28 @@ def init_ray(address: str = "", num_cpus: int = 0, *, include_dashboard: bool = 
         # the dashboard through this variable. Without it they fail with "Found
         # multiple active Ray instances" when another cluster runs on the machine,
         # and a trial stopped early then leaks its workers' resources.
+        # The processes started by ray.init inherit it; it is removed again afterwards
+        # so that later clients in this process (job submission) use their own address.
         port = _free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{port}"
         extra["dashboard_port"] = port
-    with _single_machine_mode():
-        ray.init(
-            address="local",
-            num_cpus=num_cpus or None,
-            include_dashboard=include_dashboard,
-            dashboard_host=LOOPBACK,
-            _node_ip_address=LOOPBACK,
-            **extra,
-        )
+    saved_api_address = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if include_dashboard:
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{extra['dashboard_port']}"
+    try:
+        with _single_machine_mode():
+            ray.init(
+                address="local",
+                num_cpus=num_cpus or None,
+                include_dashboard=include_dashboard,
+                dashboard_host=LOOPBACK,
+                _node_ip_address=LOOPBACK,
+                **extra,
+            )
+    finally:
+        if saved_api_address is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved_api_address
     logger.info("started a local Ray cluster on %s with %s", LOOPBACK, _describe(ray.cluster_resources()))
 
 
