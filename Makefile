@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast bench bench-shards bench-methods bench-real bench-tune clean
+.PHONY: setup demo test fashion-mnist bench bench-shards bench-methods bench-real bench-tune clean
 
 setup: $(STAMP)
 
@@ -42,10 +42,10 @@ bench-shards: setup
 	$(PYTHON) -m bench.bench_shards --output bench/results/shards.json
 
 bench-real: setup
-	$(PYTHON) -m bench.bench_methods --methods 1,4 --output bench/results/real
+	$(PYTHON) -m bench.bench_methods --methods 1,4 --image-size 64 --epochs 10 --output bench/results/real
 
 bench-methods: setup
-	$(PYTHON) -m bench.bench_methods --methods 1,2,3,4,5 --output bench/results/methods
+	$(PYTHON) -m bench.bench_methods --methods 1,2,3,4,5 --image-size 64 --epochs 10 --output bench/results/methods64
 
 bench-tune: setup
 	$(PYTHON) -m bench.bench_tune --output bench/results/tune
