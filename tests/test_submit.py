@@ -28,7 +28,6 @@ from infra.submit import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CARS = REPO.parent / "shared" / "data" / "car_damage"
 VENV_BIN = Path(sys.executable).parent
 ADDRESS = "http://127.0.0.1:8265"
 SUBMISSION_ID = re.compile(r"^(raysubmit_\w+)$", re.MULTILINE)
@@ -277,12 +276,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def car_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def submit_photos(car_photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 real photos, 16 whole and 8 damaged, in one folder per label."""
     source = tmp_path_factory.mktemp("cars")
     for label, count in (("whole", 16), ("damaged", 8)):
         (source / label).mkdir()
-        for path in sorted((CARS / label).glob("*.jpg"))[:count]:
+        for path in sorted((car_photos / label).glob("*.jpg"))[:count]:
             shutil.copy(path, source / label / path.name)
     return source
 
@@ -294,12 +293,12 @@ def submission_id(output: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def car_shards(cluster: Cluster, car_photos: Path) -> Path:
+def car_shards(cluster: Cluster, submit_photos: Path) -> Path:
     """Shards at 32 px built by a job submitted without a config."""
     shards = cluster.root / "shards"
     built = cluster.make(
         "submit", "JOB=build_shards",
-        f"ARGS=--source {car_photos} --output {shards} --normal-label whole --image-size 32 "
+        f"ARGS=--source {submit_photos} --output {shards} --normal-label whole --image-size 32 "
         "--shard-samples 8 --seed 3",
     )
     assert built.returncode == 0, built.stdout + built.stderr
