@@ -1,7 +1,7 @@
 """Evaluate a trained run on one split and write the report.
 
 The model, its config and its decision threshold all come from ``model.pt`` in
-the run folder; the threshold was fitted on val during training, so nothing
+the run folder. The threshold was fitted on val during training, so nothing
 here is fitted on the split being evaluated.
 """
 

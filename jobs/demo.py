@@ -1,9 +1,9 @@
 """Offline demo: the whole chain on Fashion-MNIST, on this machine's CPUs.
 
 One clothing class is "normal", every other class is an anomaly. The demo
-writes the images as label folders, then runs the same three commands a user
-runs on car photos (build shards, train method 1 at 32 px on 2 Ray workers,
-evaluate on test) and prints where the report is.
+writes the images as label folders. Then it runs the same three commands a
+user runs on car photos: build shards, train method 1 at 32 px on 2 Ray
+workers, and evaluate on test. At the end it prints where the report is.
 
     python -m jobs.demo [--output demo] [--normal-class 7] [--epochs 4]
 """

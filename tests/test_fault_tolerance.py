@@ -70,8 +70,8 @@ def test_killed_worker_resumes_from_last_checkpoint(car_shards: str, tmp_path: P
     assert epochs == [0, 1, 2, 3, 4], "an epoch is missing or counted twice"
     resumed = [row for row in history if row.get("event") == "resumed"]
     assert len(resumed) == 1
-    # The kill landed after epoch 0's checkpoint was registered, so the restart resumes
-    # at epoch 1, or later if more epochs finished before the worker died; never from scratch.
+    # The kill landed after epoch 0's checkpoint was registered, so the restart never starts
+    # from scratch. It resumes at epoch 1, or later if more epochs finished before the kill.
     assert 1 <= resumed[0]["from_epoch"] <= 4
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert lines == history

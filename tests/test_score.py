@@ -46,7 +46,8 @@ def test_evaluate_writes_anomaly_maps(method5_run: str, car_shards: str, tmp_pat
     assert len(overlays) == 8
     for overlay in overlays:
         assert overlay.read_bytes().startswith(PNG_MAGIC)
-        assert ".." not in overlay.name and "/" not in overlay.name
+        assert ".." not in overlay.name
+        assert "/" not in overlay.name
 
 
 def test_score_folder_matches_evaluation(method5_run: str, car_shards: str, car_photos: Path,
@@ -77,7 +78,8 @@ def test_score_folder_matches_evaluation(method5_run: str, car_shards: str, car_
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["key"]: row for row in _read_csv(out_csv)}
     assert len(rows) == 14  # 12 photos and 2 unreadable files; the .txt is not listed
-    assert rows["claims/broken.jpg"]["error"] != "" and rows["claims/broken.jpg"]["score"] == ""
+    assert rows["claims/broken.jpg"]["error"] != ""
+    assert rows["claims/broken.jpg"]["score"] == ""
     assert "empty" in rows["empty.png"]["error"]
 
     for key, score in list(expected.items())[:12]:

@@ -42,9 +42,11 @@ def test_two_workers_train_and_evaluate(car_shards: str, tmp_path: Path, method:
     epochs = _epochs(read_history(str(run_dir)))
     assert [row["epoch"] for row in epochs] == [0, 1]
     for row in epochs:
-        assert math.isfinite(row["loss_g"]) and math.isfinite(row["loss_d"])
+        assert math.isfinite(row["loss_g"])
+        assert math.isfinite(row["loss_d"])
         assert 0.0 <= row["val_auroc"] <= 1.0
-        assert row["val_n_anomalous"] > 0 and row["val_n_normal"] > 0
+        assert row["val_n_anomalous"] > 0
+        assert row["val_n_normal"] > 0
         assert row["images_per_second"] > 0
         assert row["selection_metric"] == "val_auroc"
     assert (run_dir / "grids" / "epoch_001.png").read_bytes().startswith(PNG_MAGIC)

@@ -50,7 +50,7 @@ def _check_same_model(config: Config, run_dir: str) -> None:
     previous = yaml.safe_load(storage.read_bytes(url))
     if previous.get("model") != to_dict(config)["model"]:
         raise ConfigError(
-            f"{run_dir} holds a run with model settings {previous.get('model')}, which differ from "
+            f"{run_dir} contains a run with model settings {previous.get('model')}, which differ from "
             f"{to_dict(config)['model']}; pass a new --output folder to start a separate run"
         )
 

@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 def selection_value(config: Config, val: SplitScores) -> tuple[str, float, bool]:
     """Return (metric name, value, higher_is_better) used to pick the best epoch."""
     both_classes = val.labels.min() != val.labels.max()
-    wanted = config.train.selection_metric
-    if wanted == "val_auroc" or (wanted == "auto" and both_classes):
+    requested = config.train.selection_metric
+    if requested == "val_auroc" or (requested == "auto" and both_classes):
         if not both_classes:
             raise ValueError("train.selection_metric=val_auroc needs anomalous images in the val split")
         return "val_auroc", float(detection_metrics(val.scores, val.labels, None)["auroc"]), True
@@ -49,7 +49,7 @@ def selection_value(config: Config, val: SplitScores) -> tuple[str, float, bool]
 
 
 def _objective(name: str, value: float, higher: bool) -> float:
-    """One number where higher is always better, for Tune and comparisons."""
+    """Turn a selection metric into a number where higher is better, for Tune and comparisons."""
     return value if higher else -value
 
 

@@ -4,7 +4,7 @@ The order and the detach matter under DistributedDataParallel. The generator
 step runs the discriminator without its DDP wrapper: its gradients there are
 thrown away by ``opt_d.zero_grad`` anyway, and with feature matching the
 discriminator's last conv gets no gradient at all, which DDP would reject at
-the next forward. The discriminator step sees the generated batch detached, so
+the next forward. The discriminator step receives the generated batch detached, so
 no graph is reused across the two steps; reusing one silently lets generator
 weights drift apart between ranks with gloo.
 """
@@ -26,7 +26,7 @@ from anomaly.models import init_weights
 
 @dataclass
 class Networks:
-    """The two networks as training sees them (possibly DDP-wrapped) and their optimizers."""
+    """The two networks as the training step uses them (possibly DDP-wrapped) and their optimizers."""
 
     generator: nn.Module
     discriminator: nn.Module
