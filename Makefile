@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test fashion-mnist bench bench-shards bench-methods bench-real bench-tune clean
+.PHONY: setup demo test fashion-mnist bench bench-shards bench-methods bench-real bench-tune bench-loader clean
 
 setup: $(STAMP)
 
@@ -50,7 +50,10 @@ bench-methods: setup
 bench-tune: setup
 	$(PYTHON) -m bench.bench_tune --output bench/results/tune
 
-bench: bench-shards bench-methods bench-tune
+bench-loader: setup
+	$(PYTHON) -m bench.bench_loader --output bench/results/loader/loader.json
+
+bench: bench-shards bench-methods bench-tune bench-loader
 
 clean:
 	rm -rf demo runs bench/results .pytest_cache

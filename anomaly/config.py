@@ -88,12 +88,18 @@ class TrainConfig:
     eval_batch_size: int = 64
     max_val_samples: int = 0  # 0 means the whole val split
     grid_images: int = 8
+    # bf16 runs the training forward passes under autocast, losses and weights stay
+    # float32. Validation and scoring always run in float32.
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
 class DataConfig:
     shuffle_buffer: int = 512
     max_reject_fraction: float = 0.01
+    # Processes per Ray worker that decode training images, or 0 to decode in the
+    # training process. Raise ray.cpus_per_worker by the same number.
+    loader_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "model.channels": (1, 3),
     "loss.adversarial_loss": ("feature_matching", "bce"),
     "train.selection_metric": ("auto", "val_auroc", "val_recon_loss"),
+    "train.precision": ("fp32", "bf16"),
 }
 
 _POSITIVE = {
@@ -172,7 +179,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "loss.w_adv", "loss.w_con", "loss.w_enc", "loss.w_lat", "loss.instance_noise_std",
     "mask.mask_size", "mask.hole_weight", "mask.projection_steps", "mask.map_sigma", "train.global_batch_size",
-    "train.max_val_samples", "train.grid_images", "data.shuffle_buffer",
+    "train.max_val_samples", "train.grid_images", "data.shuffle_buffer", "data.loader_workers",
     "ray.num_workers", "ray.max_failures", "ray.num_cpus", "loss.d_reinit_threshold",
 }
 _UNIT_INTERVAL = {

@@ -358,3 +358,43 @@ def test_job_process_joins_running_cluster(sample_photos: SamplePhotos, tmp_path
     assert "joined the Ray cluster at 127.0.0.1:" in completed.stderr
     assert "rows 60, written 60, rejected 0" in completed.stdout
     verify_build(load_index(tmp_path / "shards"), read_local(tmp_path / "shards"), SIZE)
+
+
+def test_killed_build_resumes_identically(sample_photos: SamplePhotos, tmp_path: Path) -> None:
+    """SIGKILL a running build once its first shard is done, rerun it, and compare with a clean build."""
+    import signal
+    import time
+
+    import ray
+
+    small = ["--image-size", str(SIZE), "--shard-samples", "2", "--workers", "1"]
+    common = ["--source", str(sample_photos.folder), *small]
+    output = tmp_path / "killed"
+    environment = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.build_shards", *common, "--output", str(output)],
+        env=environment, cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list(output.glob("*/shard-*.json")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the build ended before it could be killed"
+    assert not (output / "index.json").exists()
+    done_before = {p.relative_to(output).as_posix() for p in output.glob("*/shard-*.json")}
+    assert 1 <= len(done_before) < 30
+    shards_before = {name[: -len(".json")] + ".tar" for name in done_before}
+    mtimes = {name: (output / name).stat().st_mtime_ns for name in shards_before}
+
+    assert main([*common, "--output", str(output)]) == 0
+    for name, mtime in mtimes.items():
+        assert (output / name).stat().st_mtime_ns == mtime, f"{name} was rebuilt after the kill"
+    assert main([*common, "--output", str(tmp_path / "clean")]) == 0
+    resumed, clean = tree_bytes(output), tree_bytes(tmp_path / "clean")
+    leftovers = [name for name in resumed if name.rsplit("/", 1)[-1].startswith(".")]
+    for name in leftovers:  # temporary files of writes the kill interrupted
+        resumed.pop(name)
+    assert resumed == clean
+    verify_build(load_index(output), read_local(output), SIZE)

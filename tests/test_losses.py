@@ -439,3 +439,32 @@ def test_train_step_raises_on_nan_loss() -> None:
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         train_step(config, Networks(generator, discriminator, opt_g, opt_d), batch, 0.0,
                    torch.Generator().manual_seed(0), 0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_step_close_to_fp32(method: int) -> None:
+    """A bf16 step keeps float32 weights and gives losses near, but not equal to, the float32 ones."""
+    from anomaly.train.step import Networks, build_optimizers, train_step
+
+    results = {}
+    for precision in ("fp32", "bf16"):
+        config = make_config(method, train={"precision": precision})
+        torch.manual_seed(0)
+        generator, discriminator = build_models(config)
+        opt_g, opt_d = build_optimizers(config, generator, discriminator)
+        nets = Networks(generator, discriminator, opt_g, opt_d)
+        g_before = snapshot(generator)
+        results[precision] = train_step(config, nets, images(4, 32), 0.0, torch.Generator().manual_seed(0), 0)
+        assert all(p.dtype == torch.float32 for p in generator.parameters())
+        assert all(p.dtype == torch.float32 for p in discriminator.parameters())
+        assert not unchanged(generator, g_before)
+    for name in ("loss_g", "loss_d"):
+        fp32, bf16 = results["fp32"][name], results["bf16"][name]
+        # Measured here: under 0.1% apart at 32 px. The bound leaves room for other CPUs and kernels.
+        assert bf16 == pytest.approx(fp32, rel=0.01), name
+        assert bf16 != fp32, f"{name} is bit-identical, so autocast did not run"
+
+
+def test_unknown_precision_rejected() -> None:
+    with pytest.raises(ValueError, match="train.precision='fp16'"):
+        make_config(1, train={"precision": "fp16"})

@@ -31,8 +31,9 @@ def test_run_on_s3_resumes_in_fresh_process(sample_photos, s3_bucket: str, ray_l
                  "--normal-label", "whole", "--image-size", "32", "--shard-samples", "16")
     assert built.returncode == 0, built.stderr[-3000:]
 
+    # Two DataLoader processes stream the shards from S3, each with its own client.
     overrides = ["model.image_size=32", "model.base_channels=16", "train.batch_size_per_worker=8",
-                 "ray.num_workers=1", "train.grid_images=2"]
+                 "ray.num_workers=1", "train.grid_images=2", "data.loader_workers=2"]
     run_training(load_config(None, overrides + ["train.epochs=1"]), shards, run_dir)
     s3 = boto3.client("s3")
     keys = {obj["Key"] for obj in s3.list_objects_v2(Bucket=s3_bucket, Prefix="runs/m1/")["Contents"]}

@@ -10,19 +10,16 @@ exactly once across ranks, and callers de-duplicate by key after gathering.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-import webdataset as wds
-from PIL import Image
 
 from anomaly.data import storage
-from anomaly.data.preprocess import image_to_tensor
+from anomaly.data.loader import chunks_in_workers
+from anomaly.data.samples import RankPlan, Sample, SkipCounter, iterate_samples
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +75,6 @@ def assign_shards(shards: list[dict[str, Any]], world_size: int) -> list[list[di
     return buckets
 
 
-@dataclass(frozen=True)
-class RankPlan:
-    """The shards one rank reads, and the sample stride it keeps from them."""
-
-    urls: list[str]
-    # With fewer shards than ranks every rank reads all shards and keeps every
-    # world_size-th sample, so that no rank is left without data.
-    stride: int
-    offset: int
-
-
 def plan_for_rank(index: dict[str, Any], shards_root: str, split: str, rank: int, world_size: int) -> RankPlan:
     shards = [s for s in index["splits"][split]["shards"] if int(s["count"]) > 0]
     if len(shards) >= world_size:
@@ -98,68 +84,7 @@ def plan_for_rank(index: dict[str, Any], shards_root: str, split: str, rank: int
     return RankPlan(urls, world_size, rank)
 
 
-def _decode(sample: dict[str, Any], image_size: int) -> tuple[torch.Tensor, int, str]:
-    meta = json.loads(sample["json"])
-    image = Image.open(io.BytesIO(sample["jpg"]))
-    image.load()
-    image = image.convert("RGB")
-    if image.size != (image_size, image_size):
-        # Shards hold square images, so a plain resize keeps the crop policy.
-        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return image_to_tensor(image), int(meta["anomalous"]), str(meta["key"])
-
-
-class SkipCounter:
-    """A webdataset handler that logs and counts unreadable samples instead of stopping."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, exc: Exception) -> bool:
-        self.count += 1
-        if self.count <= 10 or self.count % 1000 == 0:
-            log.warning("skipped an unreadable shard sample (%d so far): %s", self.count, exc)
-        return True
-
-
-def iterate_samples(plan: RankPlan, image_size: int, shuffle_seed: int | None = None,
-                    shuffle_buffer: int = 0, skipped: SkipCounter | None = None
-                    ) -> Iterator[tuple[torch.Tensor, int, str]]:
-    """Yield ``(image [C,H,W] in [-1, 1], anomalous, key)`` from a rank's shards, once."""
-    storage.register_webdataset_s3()
-    urls = list(plan.urls)
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(urls)
-    handler = skipped or SkipCounter()
-    dataset = wds.WebDataset(
-        urls,
-        shardshuffle=False,  # the order was already shuffled above, from a seed every rank agrees on
-        nodesplitter=None,   # ranks were split by plan_for_rank
-        workersplitter=None,
-        empty_check=False,
-        handler=handler,
-    )
-    buffer: list[tuple[torch.Tensor, int, str]] = []
-    rng = random.Random(shuffle_seed)
-    for position, sample in enumerate(dataset):
-        if position % plan.stride != plan.offset:
-            continue
-        try:
-            item = _decode(sample, image_size)
-        except Exception as exc:  # a damaged member must not stop a long job
-            handler(RuntimeError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: {exc}"))
-            continue
-        if shuffle_buffer <= 1 or shuffle_seed is None:
-            yield item
-            continue
-        buffer.append(item)
-        if len(buffer) >= shuffle_buffer:
-            yield buffer.pop(rng.randrange(len(buffer)))
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def _collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _collate(items: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     images = torch.stack([item[0] for item in items])
     labels = torch.tensor([item[1] for item in items], dtype=torch.long)
     return images, labels, [item[2] for item in items]
@@ -177,31 +102,50 @@ def steps_per_epoch(index: dict[str, Any], split: str, global_batch_size: int) -
 
 def train_batches(index: dict[str, Any], shards_root: str, *, rank: int, world_size: int, image_size: int,
                   batch_size: int, steps: int, seed: int, epoch: int, shuffle_buffer: int,
-                  skipped: SkipCounter | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+                  skipped: SkipCounter | None = None, loader_workers: int = 0
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """Yield exactly ``steps`` training batches for one rank and epoch.
 
-    Shard order and sample shuffling depend on (seed, epoch, rank) only, so a
-    resumed epoch reads the same data as the interrupted one.
+    Shard order and sample shuffling depend on (seed, epoch, rank, loader_workers)
+    only, so a resumed epoch reads the same data as the interrupted one. With
+    ``loader_workers`` > 0, worker processes decode (see ``anomaly.data.loader``).
     """
     plan = plan_for_rank(index, shards_root, "train", rank, world_size)
-    pending: list[tuple[torch.Tensor, int, str]] = []
+    pending: list[Sample] = []
     produced = 0
     cycle = 0
     while produced < steps:
         shuffle_seed = random.Random(f"{seed}-{epoch}-{rank}-{cycle}").getrandbits(31)
         got_any = False
-        for item in iterate_samples(plan, image_size, shuffle_seed, shuffle_buffer, skipped):
+        if loader_workers > 0:
+            chunks = chunks_in_workers(plan, image_size, shuffle_seed, shuffle_buffer, skipped,
+                                       loader_workers, chunk_size=batch_size)
+        else:
+            chunks = _single_samples(iterate_samples(plan, image_size, shuffle_seed, shuffle_buffer, skipped))
+        for images, labels, keys in chunks:
             got_any = True
-            pending.append(item)
-            if len(pending) == batch_size:
-                yield _collate(pending)
-                pending = []
-                produced += 1
-                if produced == steps:
-                    return
+            if not pending and len(keys) == batch_size:
+                # A whole batch decoded by one loader worker needs no restacking.
+                yield images, labels, keys
+            else:
+                # Chunks hold at most batch_size samples, so this completes at most one batch.
+                pending.extend(zip(images, labels.tolist(), keys))
+                if len(pending) < batch_size:
+                    continue
+                yield _collate(pending[:batch_size])
+                pending = pending[batch_size:]
+            produced += 1
+            if produced == steps:
+                return
         if not got_any:
             raise ShardIndexError(f"rank {rank} read no readable training samples from {plan.urls}")
         cycle += 1
+
+
+def _single_samples(samples: Iterator[Sample]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Wrap each sample as a chunk of one, sharing the image's memory."""
+    for image, label, key in samples:
+        yield image.unsqueeze(0), torch.tensor([label], dtype=torch.long), [key]
 
 
 def eval_batches(index: dict[str, Any], shards_root: str, split: str, *, rank: int, world_size: int,
@@ -214,7 +158,7 @@ def eval_batches(index: dict[str, Any], shards_root: str, split: str, *, rank: i
     split_count(index, split)
     plan = plan_for_rank(index, shards_root, split, rank, world_size)
     cap = -(-max_samples // world_size) if max_samples else 0
-    pending: list[tuple[torch.Tensor, int, str]] = []
+    pending: list[Sample] = []
     seen = 0
     for item in iterate_samples(plan, image_size):
         pending.append(item)

@@ -23,7 +23,8 @@ import torch
 
 from anomaly.config import Config, from_dict, to_dict
 from anomaly.data import storage
-from anomaly.data.stream import SkipCounter, eval_batches, read_index, steps_per_epoch, train_batches
+from anomaly.data.samples import SkipCounter
+from anomaly.data.stream import eval_batches, read_index, steps_per_epoch, train_batches
 from anomaly.losses import instance_noise_std
 from anomaly.metrics import detection_metrics, fit_threshold
 from anomaly.models import build_models
@@ -135,6 +136,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             index, shards_root, rank=rank, world_size=world_size, image_size=config.model.image_size,
             batch_size=config.train.batch_size_per_worker, steps=steps, seed=config.train.seed,
             epoch=epoch, shuffle_buffer=config.data.shuffle_buffer, skipped=skipped,
+            loader_workers=config.data.loader_workers,
         )):
             step_seed = random.Random(f"{config.train.seed}-{epoch}-{step}").getrandbits(31)
             values = train_step(config, nets, images.to(device), noise_std, rng, step_seed)

@@ -68,6 +68,14 @@ def reinitialise_discriminator(discriminator: nn.Module, seed: int) -> None:
             dist.broadcast(tensor.data, src=0)
 
 
+def _autocast(config: Config, device: torch.device) -> torch.autocast:
+    # bfloat16 has float32's exponent range, so no gradient scaling is needed.
+    # The losses stay float32: autocast runs MSE and BCE-with-logits in float32, and
+    # the L1 term subtracts from a float32 target.
+    # NOTE: bf16 training has run on CPU only. Its speed and stability on CUDA are unmeasured.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.precision == "bf16")
+
+
 def train_step(config: Config, nets: Networks, x: torch.Tensor, noise_std: float,
                rng: torch.Generator, step_seed: int) -> dict[str, float]:
     """Run one generator and one discriminator update on the batch ``x`` [B, C, H, W].
@@ -82,14 +90,17 @@ def train_step(config: Config, nets: Networks, x: torch.Tensor, noise_std: float
         seen = apply_mask(x, holes, config.mask.mask_fill)
 
     # Generator step
-    out = nets.generator(seen)
-    loss_g, parts_g = generator_loss(config, seen, x, out, Networks.unwrap(nets.discriminator), noise_std, holes)
+    with _autocast(config, x.device):
+        out = nets.generator(seen)
+        loss_g, parts_g = generator_loss(config, seen, x, out, Networks.unwrap(nets.discriminator),
+                                         noise_std, holes)
     nets.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     nets.opt_g.step()
 
     # Discriminator step
-    loss_d, parts_d = discriminator_loss(config, x, out.x_hat, nets.discriminator, noise_std, rng)
+    with _autocast(config, x.device):
+        loss_d, parts_d = discriminator_loss(config, x, out.x_hat, nets.discriminator, noise_std, rng)
     nets.opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     nets.opt_d.step()
