@@ -366,3 +366,37 @@ def test_search_state_and_results_on_s3(car_shards: str, s3_bucket: str) -> None
     assert prefix + f"trials/{rows[0]['trial_id']}/metrics.jsonl" in keys
     assert 0.0 <= json.loads(text("best_test/metrics.json"))["auroc"] <= 1.0
     assert yaml.safe_load(text("best.yaml"))["model"]["method"] == 4
+
+
+@pytest.mark.ray
+def test_asha_stops_weak_trials_early(car_shards: str, tmp_path: Path) -> None:
+    """Four trials that differ only in lr_g: ASHA stops the ones that barely train, and only those."""
+    output = tmp_path / "search"
+    argv = ["--config", str(TUNE_YAML), "--shards", car_shards, "--output", str(output),
+            "--set", "search.methods=[1]", "--set", "search.num_samples=4", "--set", "search.seed=0",
+            "--set", "search.grace_period=1", "--set", "search.reduction_factor=2", "--set", "train.epochs=3",
+            # After one epoch the val recon loss separates the two rates. AUROC on 17 val images does not.
+            "--set", "train.selection_metric=val_recon_loss",
+            "--set", "space.optim.lr_g.choice=[1.0e-3,1.0e-9]", "--set", "space.optim.lr_d.choice=[1.0e-4]",
+            "--set", "model.base_channels=8", "--set", "model.image_size=32", "--set", "train.grid_images=0",
+            "--set", "train.batch_size_per_worker=8", "--set", "ray.num_workers=1", "--set", "ray.num_cpus=2"]
+    # The search runs as its own job, as users run it, so its own Ray cluster serves the
+    # State API calls that free a stopped trial's workers.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    job = subprocess.run([sys.executable, "-m", "jobs.tune", *argv], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=500)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+
+    rows = list(csv.DictReader((output / "results.csv").read_text().splitlines()))
+    assert len(rows) == 4
+    stopped = [row for row in rows if row["status"] == "STOPPED_EARLY"]
+    finished = [row for row in rows if row["status"] == "TERMINATED"]
+    assert stopped, "ASHA stopped no trial"
+    assert len(stopped) + len(finished) == 4
+    for row in stopped:
+        assert float(row["optim.lr_g"]) == pytest.approx(1e-9), row["trial_id"]
+        assert int(row["epochs"]) < 3, row["trial_id"]
+        history = read_history(str(output / "trials" / row["trial_id"]))
+        assert len([r for r in history if "event" not in r]) == int(row["epochs"])
+    for row in finished:
+        assert int(row["epochs"]) == 3, row["trial_id"]
