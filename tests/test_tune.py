@@ -328,6 +328,18 @@ def test_impossible_trial_fails_fast(car_shards: str, tmp_path: Path,
     assert not (tmp_path / "search" / "tune_config.yaml").exists()
 
 
+SMALL_TRIAL = ["--set", "model.base_channels=8", "--set", "model.image_size=32", "--set", "train.grid_images=0",
+               "--set", "train.batch_size_per_worker=8", "--set", "ray.num_workers=1", "--set", "ray.num_cpus=2"]
+
+
+def _run_tune_job(argv: list[str]) -> None:
+    """Run ``python -m jobs.tune`` in a new process, with a Ray cluster of its own, and check it succeeded."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    job = subprocess.run([sys.executable, "-m", "jobs.tune", *argv], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=500)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+
+
 @pytest.mark.ray
 @pytest.mark.s3
 def test_search_state_and_results_on_s3(car_shards: str, s3_bucket: str) -> None:
@@ -337,13 +349,9 @@ def test_search_state_and_results_on_s3(car_shards: str, s3_bucket: str) -> None
     output = f"s3://{s3_bucket}/tune/search"
     argv = ["--config", str(TUNE_YAML), "--shards", car_shards, "--output", output,
             "--set", "search.methods=[4]", "--set", "search.num_samples=1", "--set", "train.epochs=1",
-            "--set", "model.base_channels=8", "--set", "model.image_size=32", "--set", "train.grid_images=0",
-            "--set", "train.batch_size_per_worker=8", "--set", "ray.num_workers=1", "--set", "ray.num_cpus=2"]
+            *SMALL_TRIAL]
     # A job of its own, so its Ray cluster starts with the moto endpoint in its environment.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    job = subprocess.run([sys.executable, "-m", "jobs.tune", *argv], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=400)
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    _run_tune_job(argv)
 
     s3 = boto3.client("s3")
     keys = {obj["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
@@ -378,14 +386,10 @@ def test_asha_stops_weak_trials_early(car_shards: str, tmp_path: Path) -> None:
             # After one epoch the val recon loss separates the two rates. AUROC on 17 val images does not.
             "--set", "train.selection_metric=val_recon_loss",
             "--set", "space.optim.lr_g.choice=[1.0e-3,1.0e-9]", "--set", "space.optim.lr_d.choice=[1.0e-4]",
-            "--set", "model.base_channels=8", "--set", "model.image_size=32", "--set", "train.grid_images=0",
-            "--set", "train.batch_size_per_worker=8", "--set", "ray.num_workers=1", "--set", "ray.num_cpus=2"]
+            *SMALL_TRIAL]
     # The search runs as its own job, as users run it, so its own Ray cluster serves the
     # State API calls that free a stopped trial's workers.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    job = subprocess.run([sys.executable, "-m", "jobs.tune", *argv], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=500)
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    _run_tune_job(argv)
 
     rows = list(csv.DictReader((output / "results.csv").read_text().splitlines()))
     assert len(rows) == 4
