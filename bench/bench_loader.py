@@ -19,26 +19,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from anomaly.data.stream import read_index, train_batches
+from bench.car_shards import DEFAULT_DATA, build_car_shards
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "car_damage"
 BATCH = 32
-
-
-def build_shards(data: Path, shards: Path, image_size: int) -> None:
-    if (shards / "index.json").exists():
-        return
-    subprocess.run(
-        [sys.executable, "-m", "jobs.build_shards", "--source", str(data), "--output", str(shards),
-         "--normal-label", "whole", "--image-size", str(image_size), "--shard-samples", "100", "--seed", "0"],
-        check=True, cwd=REPO,
-    )
 
 
 def images_per_second(shards: Path, image_size: int, loader_workers: int, step_ms: float,
@@ -74,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     shards = args.output.parent / f"shards{args.image_size}"
-    build_shards(args.data, shards, args.image_size)
+    build_car_shards(args.data, shards, args.image_size, shard_samples=100)
     for tar in shards.rglob("*.tar"):
         tar.read_bytes()  # into the page cache, so the first setting is not timed on a cold disk
     results = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,20 +25,8 @@ from anomaly.evaluate import evaluate_run
 from anomaly.logs import setup_logging
 from anomaly.plots import roc_figure
 from anomaly.train.launch import run_training
+from bench.car_shards import DEFAULT_DATA, REPO, build_car_shards
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "car_damage"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def build_shards(data: Path, shards: Path, image_size: int, seed: int) -> None:
-    if (shards / "index.json").exists():
-        return
-    subprocess.run(
-        [sys.executable, "-m", "jobs.build_shards", "--source", str(data), "--output", str(shards),
-         "--normal-label", "whole", "--image-size", str(image_size), "--shard-samples", "200",
-         "--seed", str(seed)],
-        check=True, cwd=REPO,
-    )
 
 
 def run_method(method: int, args: argparse.Namespace, shards: Path, out: Path) -> dict:
@@ -103,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.output.mkdir(parents=True, exist_ok=True)
     shards = args.output / f"shards_{args.image_size}"
-    build_shards(args.data, shards, args.image_size, args.seed)
+    build_car_shards(args.data, shards, args.image_size, shard_samples=200, seed=args.seed)
     rows = [run_method(int(m), args, shards, args.output) for m in args.methods.split(",")]
 
     curves = {}

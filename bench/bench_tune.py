@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,9 +26,8 @@ from anomaly.logs import setup_logging
 from anomaly.tune import run_search
 from anomaly.tune_report import best_by_method
 from anomaly.tune_space import load_tune_config
+from bench.car_shards import DEFAULT_DATA, REPO, build_car_shards
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "car_damage"
 IMAGE_SIZE = 64
 # Measured on an idle 2-core machine at 64 px: these 25 trials ran one at a time and
 # took 1,800 s. ASHA stopped 19 of them after 2 or 4 epochs.
@@ -38,16 +36,6 @@ DEFAULT_SETTINGS = [
     "train.batch_size_per_worker=32", "search.num_samples=5", "search.grace_period=2",
     "search.reduction_factor=2", "ray.num_workers=1",
 ]
-
-
-def build_shards(data: Path, shards: Path) -> None:
-    if (shards / "index.json").exists():
-        return
-    subprocess.run(
-        [sys.executable, "-m", "jobs.build_shards", "--source", str(data), "--output", str(shards),
-         "--normal-label", "whole", "--image-size", str(IMAGE_SIZE), "--shard-samples", "200", "--seed", "0"],
-        check=True, cwd=REPO,
-    )
 
 
 def evaluate_best_per_method(outcome, shards: Path, output: Path) -> dict[int, float]:
@@ -136,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     output = Path(args.output).resolve()
     shards = (args.shards or output.parent / f"shards{IMAGE_SIZE}").resolve()
-    build_shards(args.data, shards)
+    build_car_shards(args.data, shards, IMAGE_SIZE, shard_samples=200)
     spec = load_tune_config(args.config, DEFAULT_SETTINGS + args.overrides)
     resumed = (output / "search").exists()
     started = time.perf_counter()
