@@ -67,7 +67,7 @@ def _as_is(chunk: Any) -> Any:
 
 def chunks_in_workers(plan: RankPlan, image_size: int, shuffle_seed: int, shuffle_buffer: int,
                       skipped: SkipCounter | None, workers: int, chunk_size: int
-                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+                      ) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
     """Yield one pass of the plan's samples as ``(images, labels, keys)`` chunks of up to ``chunk_size``.
 
     Up to ``workers`` processes decode. A rank with fewer shards than ``workers``
@@ -80,7 +80,7 @@ def chunks_in_workers(plan: RankPlan, image_size: int, shuffle_seed: int, shuffl
         if skipped is not None:
             skipped.add(newly_skipped)
         if images is not None:
-            yield images, torch.tensor(labels, dtype=torch.long), keys
+            yield images, labels, keys
 
 
 __all__ = ["ShardPass", "chunks_in_workers"]

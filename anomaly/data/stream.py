@@ -126,10 +126,10 @@ def train_batches(index: dict[str, Any], shards_root: str, *, rank: int, world_s
             got_any = True
             if not pending and len(keys) == batch_size:
                 # A whole batch decoded by one loader worker needs no restacking.
-                yield images, labels, keys
+                yield images, torch.tensor(labels, dtype=torch.long), keys
             else:
                 # Chunks hold at most batch_size samples, so this completes at most one batch.
-                pending.extend(zip(images, labels.tolist(), keys))
+                pending.extend(zip(images, labels, keys))
                 if len(pending) < batch_size:
                     continue
                 yield _collate(pending[:batch_size])
@@ -142,10 +142,10 @@ def train_batches(index: dict[str, Any], shards_root: str, *, rank: int, world_s
         cycle += 1
 
 
-def _single_samples(samples: Iterator[Sample]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+def _single_samples(samples: Iterator[Sample]) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
     """Wrap each sample as a chunk of one, sharing the image's memory."""
     for image, label, key in samples:
-        yield image.unsqueeze(0), torch.tensor([label], dtype=torch.long), [key]
+        yield image.unsqueeze(0), [label], [key]
 
 
 def eval_batches(index: dict[str, Any], shards_root: str, split: str, *, rank: int, world_size: int,
