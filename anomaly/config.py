@@ -88,8 +88,8 @@ class TrainConfig:
     eval_batch_size: int = 64
     max_val_samples: int = 0  # 0 means the whole val split
     grid_images: int = 8
-    # bf16 runs the training forward passes under autocast, losses and weights stay
-    # float32. Validation and scoring always run in float32.
+    # bf16 runs the training forward passes under autocast. Losses and weights stay
+    # float32, and validation and scoring run in float32.
     precision: str = "fp32"
 
 

@@ -186,8 +186,8 @@ def test_rayjob_entrypoint_matches_cluster() -> None:
     for group in groups:
         for container in group["template"]["spec"]["containers"]:
             assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-            # Without num-cpus in rayStartParams, KubeRay gives Ray the container CPU limit, so a larger
-            # request per worker could never be scheduled.
+            # KubeRay advertises the container's CPU limit to Ray unless rayStartParams sets num-cpus
+            # (Ray docs, "RayCluster Configuration"), so a larger request could never be scheduled.
             assert float(container["resources"]["limits"]["cpu"]) >= config.ray.cpus_per_worker
     # The decoding processes leave at least one reserved core to the training process.
     assert config.data.loader_workers < config.ray.cpus_per_worker
